@@ -71,13 +71,17 @@ class FreeattenCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-        model = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k not in LINKED_MODEL_KEYS}
-        data = checkpoint.get("datamodule_hyper_parameters", {})
+        model = _without(checkpoint.get("hyper_parameters", {}), LINKED_MODEL_KEYS)
+        data = _without(checkpoint.get("datamodule_hyper_parameters", {}), {"_instantiator"})
         if model or data:
             self.config = self.parser.parse_object({subcommand: {"model": model, "data": data}}, self.config)
 
 
 LINKED_MODEL_KEYS = {"seq_len", "vocab_size", "_instantiator"}
+
+
+def _without(hparams: dict, keys: set[str]) -> dict:
+    return {key: value for key, value in hparams.items() if key not in keys}
 
 
 def quiet_lightning_notices() -> None:
