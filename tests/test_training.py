@@ -133,3 +133,28 @@ def test_validation_logs_token_weighted_loss_and_perplexity(tmp_path: Path, embe
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
     assert metrics["val/loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["val/ppl"] == pytest.approx(expected.exp().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model_options", "trainer_options"),
+    [
+        pytest.param({}, {"precision": "bf16-mixed"}, id="bf16-mixed"),
+        pytest.param({"compile": True}, {}, id="torch.compile", marks=pytest.mark.slow),
+    ],
+)
+def test_precision_and_compile_options_train(
+    model_options: dict, trainer_options: dict, tmp_path: Path, embedded_dir: Path
+) -> None:
+    """bf16 autocast and torch.compile give finite, falling losses close to the fp32 eager run."""
+    losses = []
+    for run, (model_kwargs, trainer_kwargs) in enumerate((({}, {}), (model_options, trainer_options))):
+        L.seed_everything(0)
+        recorder = LossRecorder()
+        trainer(tmp_path / str(run), 8, [recorder], **trainer_kwargs).fit(
+            tiny_model(**model_kwargs), datamodule=tiny_data()
+        )
+        losses.append(recorder.losses)
+    eager, option = losses
+    assert option[8] < option[1]
+    for step in (1, 8):
+        assert option[step] == pytest.approx(eager[step], rel=0.02)
