@@ -17,14 +17,29 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from freeatten_lightning.callbacks import GracefulStop, RunSummary
+from freeatten_lightning.cluster import convert_main, submit_main
 from freeatten_lightning.data.datamodule import TokenDataModule
 from freeatten_lightning.data.prepare import prepare_main
 from freeatten_lightning.data.tokenizers import vocab_size_of
 from freeatten_lightning.errors import FreeattenError
+from freeatten_lightning.evaluation.compare import eval_lengths_main
+from freeatten_lightning.evaluation.generate import generate_main
+from freeatten_lightning.evaluation.passkey import passkey_main
 from freeatten_lightning.language_model import LanguageModel
 
-EXTRA_COMMANDS = {"prepare": prepare_main}
-HELP_EPILOG = "Other commands: `freeatten prepare --help` (turn text files into token shards)."
+EXTRA_COMMANDS = {
+    "prepare": prepare_main,
+    "eval-lengths": eval_lengths_main,
+    "generate": generate_main,
+    "passkey": passkey_main,
+    "submit": submit_main,
+    "convert-ckpt": convert_main,
+}
+HELP_EPILOG = (
+    "Other commands: `freeatten prepare --help` (turn text files into token shards), `freeatten eval-lengths` "
+    "(compare checkpoints at growing context lengths), `freeatten generate` (text), `freeatten passkey` "
+    "(passkey retrieval)."
+)
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -88,6 +103,7 @@ def quiet_lightning_notices() -> None:
     """Drop Lightning's advertising and the notices that do not apply to this project's runs."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*`tensorboardX` has been removed as a dependency.*")
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
     )

@@ -137,3 +137,19 @@ def test_bad_input_gets_one_clear_error(
     assert expected in err, err
     assert "Traceback" not in err
     assert len(re.findall(r"^error:", err, flags=re.M)) == 1
+
+
+def test_prepare_then_train_on_the_prepared_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`freeatten prepare` on a folder of text files, then `freeatten fit --data.data_dir` on its output."""
+    from freeatten_lightning.data import embedded_documents
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for number, document in enumerate(embedded_documents()[:30]):
+        (texts / f"doc{number:02d}.txt").write_text(document)
+    code, out, err = run_main(["prepare", "--input", str(texts), "--output", str(tmp_path / "shards")], capsys)
+    assert code == 0, err
+    run = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2"]
+    fit = FreeattenCLI(args=["fit", "--config", SMOKE, *QUICK, *run, "--data.data_dir", str(tmp_path / "shards")])
+    assert fit.trainer.global_step == 2
+    assert fit.datamodule.shard_dir == tmp_path / "shards"
