@@ -36,8 +36,8 @@ class GracefulStop(L.Callback):
             raise KeyboardInterrupt
         self.received = signal.Signals(signum)
         print(
-            f"\n{self.received.name} received: finishing this step and saving a checkpoint "
-            "(press Ctrl-C again to abort without saving)",
+            f"\n{self.received.name} received: finishing the current step (and validation, if running), then "
+            "saving a checkpoint (press Ctrl-C again to abort without saving)",
             flush=True,
         )
 
