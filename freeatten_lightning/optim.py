@@ -20,7 +20,7 @@ def adamw(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[floa
     """AdamW that decays weights of rank >= 2 (matrices, embeddings) but not biases and norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)

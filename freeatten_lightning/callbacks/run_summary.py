@@ -54,7 +54,7 @@ class RunSummary(L.Callback):
             lines.append(f"  checkpoint:       {stop.saved_path}")
         elif checkpoint is not None and getattr(checkpoint, "last_model_path", ""):
             lines.append(f"  checkpoint:       {checkpoint.last_model_path}")
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir = Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir)  # no broadcast on rank 0
         lines.append(f"  logs:             {log_dir}")
         if self.plot and self.train_curve:
             lines.append(f"  loss plot:        {self.write_plot(log_dir / 'loss.png')}")
