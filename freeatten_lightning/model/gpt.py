@@ -63,6 +63,36 @@ def _divisor_hint(d_model: int, n_head: int) -> int:
     return min(divisors, key=lambda h: (abs(h - n_head), h))
 
 
+class LayerCache:
+    """One layer's keys and values (B, H, N, D) of the tokens decoded so far, after RoPE."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values; return those of every token so far."""
+        if self.keys is not None:
+            k, v = torch.cat((self.keys, k), dim=-2), torch.cat((self.values, v), dim=-2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: `GPT(tokens, cache)` appends to it.
+
+    The next tokens sit at absolute positions len(cache), len(cache) + 1, ...: RoPE rotates them there, and
+    the bottom-right causal mask gives each query n_i = absolute position + 1 keys (DESIGN.md section 2).
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [LayerCache() for _ in range(n_layer)]
+
+    def __len__(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[-2]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: projections, RoPE, then the configured attention variant."""
 
@@ -75,10 +105,14 @@ class CausalSelfAttention(nn.Module):
         self.proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         y = attend(q, k, v, self.spec)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(batch, length, width)))
 
@@ -107,13 +141,19 @@ class Block(nn.Module):
         self.ln_mlp = nn.LayerNorm(config.d_model, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_attn(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x), cos, sin, cache)
         return x + self.mlp(self.ln_mlp(x))
 
 
 class GPT(nn.Module):
-    """Token ids (B, N) -> next-token logits (B, N, vocab_size). Works at any N: RoPE has no length limit."""
+    """Token ids (B, N) -> next-token logits (B, N, vocab_size). Works at any N: RoPE has no length limit.
+
+    With a `KVCache` the tokens continue the cached ones (incremental decoding); the logits equal those of
+    the full forward over all the tokens.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -142,12 +182,26 @@ class GPT(nn.Module):
         """Distinct parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(tokens, cache))
+
+    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-LayerNorm outputs (B, N, d_model): `logits` of slices of them bound the memory of long
+        sequences (chunked cross-entropy)."""
         if tokens.dim() != 2:
             raise FreeattenError(f"expected token ids of shape (batch, length), got {tuple(tokens.shape)}")
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        start = 0 if cache is None else len(cache)
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         cos, sin = rope_angles(positions, self.config.head_dim, self.config.rope_base)
         x = self.dropout(self.embed(tokens))
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.lm_head(self.ln_final(x))[..., : self.config.vocab_size]
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None if cache is None else cache.layers[i])
+        return self.ln_final(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., vocab_size) from hidden states (..., d_model); the padding rows dropped."""
+        return self.lm_head(hidden)[..., : self.config.vocab_size]
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model's layers."""
+        return KVCache(self.config.n_layer)
