@@ -26,6 +26,7 @@ from freeatten_lightning.evaluation.compare import eval_lengths_main
 from freeatten_lightning.evaluation.generate import generate_main
 from freeatten_lightning.evaluation.passkey import passkey_main
 from freeatten_lightning.language_model import LanguageModel
+from freeatten_lightning.reproduce import reproduce_main
 
 EXTRA_COMMANDS = {
     "prepare": prepare_main,
@@ -34,11 +35,13 @@ EXTRA_COMMANDS = {
     "passkey": passkey_main,
     "submit": submit_main,
     "convert-ckpt": convert_main,
+    "reproduce": reproduce_main,
 }
 HELP_EPILOG = (
     "Other commands: `freeatten prepare --help` (turn text files into token shards), `freeatten eval-lengths` "
     "(compare checkpoints at growing context lengths), `freeatten generate` (text), `freeatten passkey` "
-    "(passkey retrieval)."
+    "(passkey retrieval), `freeatten submit` (SLURM job), `freeatten convert-ckpt` (DeepSpeed checkpoint -> fp32 "
+    "file), `freeatten reproduce` (the paper's comparison at laptop scale)."
 )
 
 

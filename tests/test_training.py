@@ -158,3 +158,24 @@ def test_precision_and_compile_options_train(
     assert option[8] < option[1]
     for step in (1, 8):
         assert option[step] == pytest.approx(eager[step], rel=0.02)
+
+
+def test_stop_before_the_first_periodic_checkpoint_resumes_from_last(tmp_path: Path, embedded_dir: Path) -> None:
+    """With ModelCheckpoint present, the stop leaves one last.ckpt (no end-of-epoch `last-v1`) and
+    `ckpt_path="last"` resumes at the stopped step with the uninterrupted losses."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def checkpointed(root: Path, *callbacks: L.Callback) -> L.Trainer:
+        periodic = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=100, save_last=True)
+        options = {"enable_checkpointing": True, "limit_val_batches": None, "val_check_interval": 4}
+        return trainer(root, 8, [periodic, *callbacks], **options)
+
+    L.seed_everything(0)
+    straight, resumed = LossRecorder(), LossRecorder()
+    checkpointed(tmp_path / "a", straight).fit(tiny_model(), datamodule=tiny_data())
+    L.seed_everything(0)
+    checkpointed(tmp_path / "b", SignalAtStep(3, signal.SIGTERM)).fit(tiny_model(), datamodule=tiny_data())
+    assert sorted(path.name for path in (tmp_path / "b" / "checkpoints").iterdir()) == ["last.ckpt"]
+    checkpointed(tmp_path / "b", resumed).fit(tiny_model(), datamodule=tiny_data(), ckpt_path="last")
+    assert sorted(resumed.losses) == [4, 5, 6, 7, 8]
+    assert resumed.losses[8] == pytest.approx(straight.losses[8], abs=1e-5)

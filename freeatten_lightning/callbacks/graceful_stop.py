@@ -56,6 +56,7 @@ class GracefulStop(L.Callback):
         if stop or trainer.global_step >= trainer.max_steps > 0:
             self.saved_path = last_checkpoint_path(trainer)
             trainer.save_checkpoint(self.saved_path)
+            _mark_saved(trainer, self.saved_path)
             if stop:
                 trainer.should_stop = True
                 rank_zero_info(f"Stopped at step {trainer.global_step}; checkpoint saved to {self.saved_path}")
@@ -78,3 +79,12 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     if isinstance(callback, ModelCheckpoint) and callback.dirpath:
         return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
     return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+def _mark_saved(trainer: L.Trainer, path: Path) -> None:
+    """Tell ModelCheckpoint that this step is saved as its last checkpoint, so it does not write another one
+    (`last-v1.ckpt`) at the end of the stopped epoch, with a loop state that would resume in the next epoch."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint):
+        callback.last_model_path = str(path)
+        callback._last_global_step_saved = trainer.global_step
