@@ -49,10 +49,19 @@ def _available_memory() -> int:
     return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
 
 
-def measure(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool) -> tuple[float, int]:
-    """(seconds, peak extra bytes) of one call of fn, with the backward of out.sum() when `backward`."""
+def _reset_peak() -> bool:
+    """VmHWM := VmRSS (Linux); False where /proc/self/clear_refs cannot be written."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool) -> tuple[float, int | None]:
+    """(seconds, peak extra bytes or None if unmeasurable) of one call of fn, with out's backward when `backward`."""
     _LIBC.malloc_trim(0)  # hand freed heap pages back, so reusing them shows up in the peak again
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    can_measure = _reset_peak()
     before = _proc_status("VmRSS")
     start = time.perf_counter()
     with torch.set_grad_enabled(backward):
@@ -60,7 +69,7 @@ def measure(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward
         if backward:
             out.backward(torch.ones_like(out))
     seconds = time.perf_counter() - start
-    peak = _proc_status("VmHWM") - before
+    peak = _proc_status("VmHWM") - before if can_measure else None
     for x in leaves:
         x.grad = None
     return seconds, peak
@@ -95,8 +104,9 @@ def run(lengths: list[int], repeats: int, batch: int, heads: int, head_dim: int,
                 base = [t for t, _ in samples[(CONFIGS[0], mode)]]
                 row[f"{mode} s"] = statistics.median(times)
                 row[f"{mode} x sdpa"] = statistics.median(t / b for t, b in zip(times, base, strict=True))
-                row[f"{mode} peak MiB"] = max(p for _, p in samples[(config, mode)]) / 2**20
-            if config[0] == "reference":
+                peaks = [p for _, p in samples[(config, mode)] if p is not None]
+                row[f"{mode} peak MiB"] = max(peaks) / 2**20 if peaks else None
+            if config[0] == "reference" and row["fwd+bwd peak MiB"] is not None:
                 reference_peak_per_n2[config[1]] = row["fwd+bwd peak MiB"] * 2**20 / n**2
             rows.append(row)
     bar.close()
@@ -104,7 +114,8 @@ def run(lengths: list[int], repeats: int, batch: int, heads: int, head_dim: int,
         ref = next((r for r in rows if r["N"] == row["N"] and r["backend"] == "reference"
                     and r["variant"] == row["variant"]), None)  # fmt: skip
         row["fwd+bwd x reference"] = row["fwd+bwd s"] / ref["fwd+bwd s"] if ref else None
-        row["peak x reference"] = row["fwd+bwd peak MiB"] / ref["fwd+bwd peak MiB"] if ref else None
+        measured = ref and ref["fwd+bwd peak MiB"] and row["fwd+bwd peak MiB"] is not None
+        row["peak x reference"] = row["fwd+bwd peak MiB"] / ref["fwd+bwd peak MiB"] if measured else None
     return rows
 
 
@@ -139,7 +150,8 @@ def write_outputs(rows: list[dict], out_dir: Path, header: str) -> None:
         if pts:
             label = f"{backend} {variant}"
             ax_time.plot([r["N"] for r in pts], [r["fwd+bwd s"] for r in pts], marker="o", label=label)
-            ax_mem.plot([r["N"] for r in pts], [r["fwd+bwd peak MiB"] for r in pts], marker="o", label=label)
+            measured = [r for r in pts if r["fwd+bwd peak MiB"] is not None]
+            ax_mem.plot([r["N"] for r in measured], [r["fwd+bwd peak MiB"] for r in measured], marker="o", label=label)
     for ax, title in ((ax_time, "forward + backward time (s)"), (ax_mem, "peak extra memory, fwd+bwd (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -162,10 +174,10 @@ def verdict(rows: list[dict]) -> str:
             lines.append(f"- N=4096 cpu {variant} fwd+bwd = {row['fwd+bwd x sdpa']:.2f}x SDPA: {ok} the {bar}x bar")
     for variant in BARS:
         fused = next((r for r in rows if (r["N"], r["backend"], r["variant"]) == (16384, "cpu", variant)), None)
-        if fused is None:
+        if fused is None or fused["fwd+bwd peak MiB"] is None:
             continue
         ref = next((r for r in rows if (r["N"], r["backend"], r["variant"]) == (16384, "reference", variant)), None)
-        if ref:
+        if ref and ref["fwd+bwd peak MiB"]:
             ratio = fused["fwd+bwd peak MiB"] / ref["fwd+bwd peak MiB"]
             ok = "meets" if ratio < 0.1 else "MISSES"
             lines.append(f"- N=16384 cpu {variant} peak = {ratio:.3f}x the reference's: {ok} the 0.1x bar")
