@@ -33,6 +33,8 @@ class LanguageModel(L.LightningModule):
             override single fields of it.
         attention: the attention variant (DESIGN.md section 2).
         p: re-weighting power of `lssar` and `softmax-reweight` (the paper's default is 15).
+        attention_backend: force one backend of the fused attention op (`cpu`, `triton`, `sdpa`, `reference`;
+            `python -m freeatten_lightning.info` lists them); null lets its dispatcher pick the fastest that fits.
         vocab_size: tokenizer vocabulary; linked from the data config by the CLI.
         seq_len: training context length; linked from the data config by the CLI.
         lr: peak learning rate; warmup_steps linear warmup, then cosine decay to min_lr_ratio * lr at
@@ -48,6 +50,7 @@ class LanguageModel(L.LightningModule):
         d_model: int | None = None,
         attention: AttentionName = "lssar",
         p: float = 15.0,
+        attention_backend: str | None = None,
         vocab_size: int = 257,
         seq_len: int = 256,
         dropout: float = 0.0,
@@ -73,6 +76,7 @@ class LanguageModel(L.LightningModule):
             bias=bias,
             rope_base=rope_base,
             attention=AttentionSpec(attention, p),
+            attention_backend=attention_backend,
         )
         self.model: GPT | None = None
         self.val_loss = MeanMetric()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from freeatten_lightning.attention import AttentionSpec, attend
+from freeatten_lightning import ops
+from freeatten_lightning.attention import AttentionSpec
 from freeatten_lightning.errors import FreeattenError
 from freeatten_lightning.model.rope import apply_rope, rope_angles
 
@@ -29,6 +30,7 @@ class GPTConfig:
     bias: bool = True
     rope_base: float = 10000.0
     attention: AttentionSpec = field(default_factory=AttentionSpec)
+    attention_backend: str | None = None  # None: the op's dispatcher picks; "reference": the eager math
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
@@ -46,6 +48,12 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise FreeattenError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        backends = [backend.name for backend in ops.BACKENDS]
+        if self.attention_backend is not None and self.attention_backend not in backends:
+            raise FreeattenError(
+                f"unknown model.attention_backend '{self.attention_backend}': choose one of "
+                f"{', '.join(backends)}, or null to let the dispatcher pick"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -94,12 +102,17 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: projections, RoPE, then the configured attention variant."""
+    """Multi-head causal self-attention: projections, RoPE, then the configured variant through the fused op.
+
+    The op (`freeatten_lightning.ops`) runs the variant on the fastest backend that supports it (C++ tiles on
+    the CPU, Triton on CUDA, SDPA for softmax, the eager reference for the rest) unless a backend is forced.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.spec = config.attention
+        self.backend = config.attention_backend
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.is_residual_projection = True
@@ -113,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(k, v)
-        y = attend(q, k, v, self.spec)
+        y = ops.attend_op(q, k, v, self.spec, op=self.backend)
         return self.dropout(self.proj(y.transpose(1, 2).reshape(batch, length, width)))
 
 
