@@ -1,4 +1,4 @@
-"""Shared test set-up: one embedded-corpus cache for the whole run, and quiet Lightning."""
+"""Shared test set-up: one embedded-corpus cache for the whole run, and FineWeb-like GPT-2 shards."""
 
 import os
 from pathlib import Path
@@ -15,3 +15,18 @@ def embedded_dir() -> Path:
     from freeatten_lightning.data import ensure_embedded_shards
 
     return ensure_embedded_shards()
+
+
+@pytest.fixture(scope="session")
+def fineweb_like_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small stand-in for llm.c's FineWeb-10B shards: the same file names and format, GPT-2 token ids, no
+    meta.json (llm.c writes none). Random ids: enough to start the paper's recipe, not to learn anything."""
+    import numpy as np
+
+    from freeatten_lightning.data.shards import write_shard
+
+    folder = tmp_path_factory.mktemp("fineweb10B")
+    rng = np.random.default_rng(0)
+    write_shard(folder / "fineweb_val_000000.bin", rng.integers(0, 50257, size=40_000))
+    write_shard(folder / "fineweb_train_000001.bin", rng.integers(0, 50257, size=200_000))
+    return folder

@@ -363,11 +363,24 @@ def test_read_text_files_dir_glob_and_file(tmp_path):
     with pytest.raises(FreeattenError, match="no files match"):
         read_text_files(tmp_path / "nothing" / "*.txt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FreeattenError, match=r"no \*\.txt or \*\.md"):
+    with pytest.raises(FreeattenError, match=r"no \*\.txt, \*\.md or \*\.jsonl"):
         read_text_files(tmp_path / "empty")
     write_shard(tmp_path / "s.bin", [1, 2, 3])
     with pytest.raises(FreeattenError, match="looks binary"):
         read_text_files(tmp_path / "s.bin")
+
+
+def test_read_jsonl_rows_as_documents(tmp_path):
+    """FineWeb-style rows exported as JSON Lines: one document per line, from its "text" field."""
+    rows = [{"text": "first doc", "id": "a"}, {"text": "second\ndoc", "url": "x"}]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    (tmp_path / "note.txt").write_text("plain")
+    assert read_text_files(tmp_path) == ["plain", "first doc", "second\ndoc"]
+    bad_files = (('{"text": "ok"}\n{oops', "rows.jsonl:2 is not valid JSON"), ('{"body": "x"}', '"text" field'))
+    for bad, message in bad_files:
+        (tmp_path / "rows.jsonl").write_text(bad)
+        with pytest.raises(FreeattenError, match=message):
+            read_text_files(tmp_path / "rows.jsonl")
 
 
 def test_prepare_main_end_to_end(tmp_path, capsys):

@@ -1,8 +1,10 @@
-"""The decoder: shapes, sizes, causality for every variant, GPT-2 init and tied weights, config errors."""
+"""The decoder: shapes, sizes, causality for every variant, GPT-2 init and tied weights, the attention backend it
+runs on (and under torch.compile), config errors."""
 
 import pytest
 import torch
 
+from freeatten_lightning import ops
 from freeatten_lightning.attention import VARIANTS, AttentionSpec
 from freeatten_lightning.errors import FreeattenError
 from freeatten_lightning.model import GPT, GPTConfig, preset_shape
@@ -66,6 +68,80 @@ def test_rope_preserves_norms_and_encodes_relative_position() -> None:
     torch.testing.assert_close(sq @ sk.transpose(-1, -2), rq @ rk.transpose(-1, -2), rtol=1e-4, atol=1e-4)
 
 
+FASTEST_CPU_BACKEND = {"lssa": "cpu", "lssar": "cpu", "softmax": "sdpa"}  # the rest: only the reference runs them
+
+
+@pytest.fixture
+def backends_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the backend the op's dispatcher chose, once per attention call."""
+    chosen: list[str] = []
+
+    def recording(*args, **kwargs) -> ops.Backend:
+        backend = choose_backend(*args, **kwargs)
+        chosen.append(backend.name)
+        return backend
+
+    choose_backend = ops.choose_backend
+    monkeypatch.setattr(ops, "choose_backend", recording)
+    return chosen
+
+
+@pytest.mark.parametrize("attention", list(VARIANTS))
+def test_decoder_runs_the_fused_op_by_default_and_the_reference_on_request(
+    attention: str, backends_used: list[str]
+) -> None:
+    """By default every layer runs the fastest backend for its variant; `attention_backend="reference"` the eager
+    math. Both give the same logits and gradients, in training and in KV-cache decoding."""
+    torch.manual_seed(0)
+    fused = GPT(tiny_config(attention))
+    reference = GPT(tiny_config(attention, attention_backend="reference"))
+    reference.load_state_dict(fused.state_dict())
+    tokens = torch.randint(0, 257, (2, 24))
+    outputs = []
+    for model in (fused, reference):
+        backends_used.clear()
+        logits = model(tokens)
+        logits.square().mean().backward()
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(tokens[:, :20], cache)
+            decoded = model(tokens[:, 20:], cache)
+        outputs.append((logits, decoded, [p.grad for p in model.parameters()], set(backends_used)))
+    (logits, decoded, grads, used), (want_logits, want_decoded, want_grads, reference_used) = outputs
+    assert used == {FASTEST_CPU_BACKEND.get(attention, "reference")}
+    assert reference_used == {"reference"}
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decoded, want_logits[:, 20:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(want_decoded, want_logits[:, 20:], rtol=1e-4, atol=1e-5)
+    for grad, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["lssar", "softmax"])
+def test_decoder_runs_under_torch_compile(attention: str) -> None:
+    """The whole decoder compiles as one graph through the op's custom ops, with the eager logits and gradients."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(attention))
+    tokens = torch.randint(0, 257, (2, 24))
+    eager = model(tokens)
+    eager.square().mean().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)(tokens)
+    compiled.square().mean().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for p, want in zip(model.parameters(), eager_grads, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-3, atol=1e-6)
+
+
+def test_a_backend_that_cannot_run_the_decoder_says_why() -> None:
+    model = GPT(tiny_config("lssar", attention_backend="triton"))
+    with pytest.raises(FreeattenError, match="op='triton' cannot run this attention .*device 'cpu' not supported"):
+        model(torch.randint(0, 257, (1, 8)))
+    with pytest.raises(FreeattenError, match="op='sdpa' cannot run .*variant 'lssar' not supported"):
+        GPT(tiny_config("lssar", attention_backend="sdpa"))(torch.randint(0, 257, (1, 8)))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -73,6 +149,7 @@ def test_rope_preserves_norms_and_encodes_relative_position() -> None:
         ({"d_model": 36, "n_head": 4}, "head dimension d_model/n_head = 9 is odd"),
         ({"n_layer": 0}, "model.n_layer must be a positive integer"),
         ({"dropout": 1.5}, "model.dropout must be in"),
+        ({"attention_backend": "flash"}, "unknown model.attention_backend 'flash': choose one of cpu, triton, sdpa"),
     ],
 )
 def test_impossible_shapes_are_refused(overrides: dict, message: str) -> None:

@@ -20,6 +20,7 @@ from freeatten_lightning.cluster import submit_main
 from freeatten_lightning.cluster.submit import render
 from freeatten_lightning.errors import FreeattenError
 from tests.slurm_cluster import LocalSlurm, missing_binaries
+from tests.test_reproduce import PAPER_CONFIG, PAPER_ON_CPU
 
 REPO = Path(__file__).resolve().parents[1]
 FREEATTEN = str(Path(sys.executable).parent / "freeatten")
@@ -178,6 +179,24 @@ def straight_run(cluster: LocalSlurm, tmp_path_factory: pytest.TempPathFactory) 
     job_id, log = submit(cluster, run_dir)
     finish(cluster, job_id, log, timeout=300)
     return run_dir
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_paper_recipe_runs_as_a_slurm_job(cluster: LocalSlurm, fineweb_like_dir: Path, tmp_path: Path) -> None:
+    """The paper's run as users submit it (`make submit CONFIG=configs/experiment/gpt2-small-fineweb.yaml`), here
+    on one node x 2 CPU tasks with the nano model: DDP over SLURM, a checkpoint at the last step."""
+    submit_args = f"--nodes 1 --gpus-per-node 2 --cpus-per-task 1 --time 0:15:00 --config {PAPER_CONFIG}"
+    command = [FREEATTEN, "submit", *submit_args.split(), "--log-dir", str(tmp_path / "slurm"), "--", *PAPER_ON_CPU]
+    command += ["--trainer.devices=2", f"--data.data_dir={fineweb_like_dir}", f"--trainer.default_root_dir={tmp_path}"]
+    result = subprocess.run(command, env=cluster.env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "#SBATCH --gpus-per-node" not in result.stdout
+    job_id = re.search(r"Submitted job (\d+)", result.stdout).group(1)
+    finish(cluster, job_id, tmp_path / "slurm" / f"freeatten-fit-{job_id}.out", timeout=400)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["TokenDataModule"]["examples_consumed"] == 3 * 2 * 2  # steps x batch x world
 
 
 @needs_slurm

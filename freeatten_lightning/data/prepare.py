@@ -30,7 +30,7 @@ from freeatten_lightning.data.tokenizers import TOKENIZER_CHOICES, ByteTokenizer
 from freeatten_lightning.errors import FreeattenError
 
 META_FILE = "meta.json"
-TEXT_SUFFIXES = (".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 EMBEDDED_NAME = "pydocs"
 DEFAULT_CACHE = "~/.cache/freeatten_lightning"
 DEFAULT_VAL_FRACTION = 0.05
@@ -188,13 +188,14 @@ def prepare_shards(
 
 
 def read_text_files(pattern_or_dir: str | os.PathLike) -> list[str]:
-    """Documents from text files, one per file: a folder (all *.txt and *.md below it), a glob, or a file."""
+    """Documents from text files: a folder (all *.txt, *.md, *.jsonl below it), a glob, or a file. A .txt or .md
+    file is one document; a .jsonl file holds one per line in its "text" field (FineWeb's rows, exported)."""
     spec = os.path.expanduser(os.fspath(pattern_or_dir))
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
         if not files:
-            raise FreeattenError(f"folder {spec} holds no *.txt or *.md files; point --input at text files")
+            raise FreeattenError(f"folder {spec} holds no *.txt, *.md or *.jsonl files; point --input at text files")
     elif path.is_file():
         files = [path]
     else:
@@ -204,14 +205,33 @@ def read_text_files(pattern_or_dir: str | os.PathLike) -> list[str]:
                 f"no files match {spec}; pass an existing folder, file or glob (quoted, e.g. 'texts/*.txt')"
             )
     documents = []
-    for file in files:
+    for file in tqdm(files, desc="reading", unit="file", leave=False, disable=len(files) < 100):
         try:
             data = file.read_bytes()
         except OSError as e:
             raise FreeattenError(f"cannot read {file}: {e.strerror}; check its permissions") from e
         if b"\x00" in data:
             raise FreeattenError(f"{file} contains NUL bytes: it looks binary, not text; pass text files")
-        documents.append(data.decode("utf-8", errors="replace"))
+        text = data.decode("utf-8", errors="replace")
+        documents.extend(_jsonl_documents(file, text) if file.suffix == ".jsonl" else [text])
+    return documents
+
+
+def _jsonl_documents(file: Path, text: str) -> list[str]:
+    """The "text" field of every non-empty line of a JSON Lines file."""
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FreeattenError(
+                f"{file}:{number} is not valid JSON ({e.msg}); a .jsonl file holds one object per line"
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise FreeattenError(f'{file}:{number} has no string "text" field: each line must be {{"text": "..."}}')
+        documents.append(row["text"])
     return documents
 
 
@@ -282,7 +302,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--input",
         metavar="PATH_OR_GLOB",
-        help="a folder (all *.txt and *.md below it), a single file, or a quoted glob; one document per file",
+        help="a folder (all *.txt, *.md, *.jsonl below it), a single file, or a quoted glob; one document per text "
+        'file, one per line of a .jsonl file (its "text" field, as in FineWeb)',
     )
     source.add_argument(
         "--embedded",
