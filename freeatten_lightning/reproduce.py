@@ -136,11 +136,11 @@ def reproduce_main(argv: list[str] | None = None) -> int:
             ]
         )
     setup = (
-        f"Every variant has the same model, data, token budget and seed (`{args.config}` {' '.join(extra)}); "
+        f"Every variant has the same model, data, token budget and seed (`{shlex.join([args.config, *extra])}`); "
         f"only the attention differs. All are evaluated on the same {args.tokens:,} validation tokens at every "
         "length (non-overlapping windows, token-weighted mean NLL in nats per token)."
     )
-    write_results_page(Path(args.docs), records, losses, out, setup, f"freeatten reproduce {shlex.join(argv)}")
+    write_results_page(Path(args.docs), records, losses, out, setup, shlex.join(["freeatten", "reproduce", *argv]))
     print(f"[reproduce] results written to {args.docs}", flush=True)
     return 0
 

@@ -1,6 +1,8 @@
-"""Shared test set-up: one embedded-corpus cache for the whole run, and FineWeb-like GPT-2 shards."""
+"""Shared test set-up: one embedded-corpus cache for the whole run, FineWeb-like GPT-2 shards, and the
+`freeatten` command run in-process."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,20 @@ def fineweb_like_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shard(folder / "fineweb_val_000000.bin", rng.integers(0, 50257, size=40_000))
     write_shard(folder / "fineweb_train_000001.bin", rng.integers(0, 50257, size=200_000))
     return folder
+
+
+@pytest.fixture
+def freeatten(capsys: pytest.CaptureFixture) -> Callable[[list[str]], tuple[int, str, str]]:
+    """Run `freeatten <args>` in-process; returns (exit code, stdout, stderr)."""
+    from freeatten_lightning.cli import main
+
+    def run(args: list[str]) -> tuple[int, str, str]:
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from freeatten_lightning.cli import FreeattenCLI, main
+from freeatten_lightning.cli import FreeattenCLI
 from freeatten_lightning.data import write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,17 +22,6 @@ QUICK = [
 ]
 
 
-def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Run `freeatten <args>` in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_overrides_land_in_the_model_and_data(tmp_path: Path) -> None:
     args = ["--config", SMOKE, "--model.attention", "lssa", "--model.d_model", "64"]
     cli = FreeattenCLI(args=[*args, "--data.seq_len", "96", "--trainer.default_root_dir", str(tmp_path)], run=False)
@@ -43,17 +32,17 @@ def test_overrides_land_in_the_model_and_data(tmp_path: Path) -> None:
     assert Path(checkpoint.dirpath) == tmp_path / "checkpoints"
 
 
-def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture, embedded_dir: Path) -> None:
+def test_print_config_round_trips(tmp_path: Path, embedded_dir: Path, freeatten) -> None:
     """The printed config, fed back, prints the same config and trains to the same loss."""
     root = ["--trainer.default_root_dir", str(tmp_path / "a")]
     overrides = ["--model.attention", "relu", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"]
     args = ["fit", "--config", SMOKE, *QUICK, *overrides, *root]
-    code, printed, _ = run_main([*args, "--print_config"], capsys)
+    code, printed, _ = freeatten([*args, "--print_config"])
     assert code == 0
     assert yaml.safe_load(printed)["model"]["attention"] == "relu"
     dumped = tmp_path / "run.yaml"
     dumped.write_text(printed)
-    code, printed_again, _ = run_main(["fit", "--config", str(dumped), "--print_config"], capsys)
+    code, printed_again, _ = freeatten(["fit", "--config", str(dumped), "--print_config"])
     assert code == 0 and printed_again == printed
 
     original = FreeattenCLI(args=args)
@@ -120,9 +109,7 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_gets_one_clear_error(
-    case: str, tmp_path: Path, capsys: pytest.CaptureFixture, embedded_dir: Path
-) -> None:
+def test_bad_input_gets_one_clear_error(case: str, tmp_path: Path, embedded_dir: Path, freeatten) -> None:
     (tmp_path / "empty").mkdir()
     corrupt_magic(write_folder(tmp_path / "magic"))
     truncate(write_folder(tmp_path / "truncated"))
@@ -132,14 +119,14 @@ def test_bad_input_gets_one_clear_error(
     args, expected = BAD_INPUTS[case]
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     run = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "1"]
-    code, _, err = run_main(["fit", "--config", SMOKE, *QUICK, *run, *args], capsys)
+    code, _, err = freeatten(["fit", "--config", SMOKE, *QUICK, *run, *args])
     assert code == 2
     assert expected in err, err
     assert "Traceback" not in err
     assert len(re.findall(r"^error:", err, flags=re.M)) == 1
 
 
-def test_prepare_then_train_on_the_prepared_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_prepare_then_train_on_the_prepared_shards(tmp_path: Path, freeatten) -> None:
     """`freeatten prepare` on a folder of text files, then `freeatten fit --data.data_dir` on its output."""
     from freeatten_lightning.data import embedded_documents
 
@@ -147,7 +134,7 @@ def test_prepare_then_train_on_the_prepared_shards(tmp_path: Path, capsys: pytes
     texts.mkdir()
     for number, document in enumerate(embedded_documents()[:30]):
         (texts / f"doc{number:02d}.txt").write_text(document)
-    code, out, err = run_main(["prepare", "--input", str(texts), "--output", str(tmp_path / "shards")], capsys)
+    code, out, err = freeatten(["prepare", "--input", str(texts), "--output", str(tmp_path / "shards")])
     assert code == 0, err
     run = ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2"]
     fit = FreeattenCLI(args=["fit", "--config", SMOKE, *QUICK, *run, "--data.data_dir", str(tmp_path / "shards")])

@@ -20,7 +20,6 @@ from matplotlib.image import imread
 
 import freeatten_lightning.evaluation.lengths as lengths_module
 from freeatten_lightning.attention import AttentionSpec
-from freeatten_lightning.cli import main
 from freeatten_lightning.data.datamodule import TokenDataModule
 from freeatten_lightning.data.tokenizers import ByteTokenizer
 from freeatten_lightning.errors import FreeattenError
@@ -252,16 +251,6 @@ def test_callback_refuses_lengths_beyond_the_validation_data_before_training(tmp
 # --- offline comparison ---
 
 
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, embedded_dir) -> dict[str, Path]:
     """Checkpoints of short softmax and lssa runs (with their data config), like `freeatten fit` writes."""
@@ -274,10 +263,10 @@ def checkpoints(tmp_path_factory, embedded_dir) -> dict[str, Path]:
     return paths
 
 
-def test_eval_lengths_compares_checkpoints_side_by_side(checkpoints, tmp_path: Path, capsys) -> None:
+def test_eval_lengths_compares_checkpoints_side_by_side(checkpoints, tmp_path: Path, freeatten) -> None:
     out = tmp_path / "out"
     args = ["eval-lengths", "--ckpt", str(checkpoints["softmax"]), "--ckpt", str(checkpoints["lssa"])]
-    code, stdout, _ = run_main([*args, "--multiples", "1,4,16", "--tokens", "512", "--out", str(out)], capsys)
+    code, stdout, _ = freeatten([*args, "--multiples", "1,4,16", "--tokens", "512", "--out", str(out)])
     assert code == 0
     assert "softmax: softmax" in stdout and "lssa: lssa" in stdout and "512 scored tokens" in stdout
     rows = read_csv(out / "eval_lengths.csv")
@@ -295,9 +284,9 @@ def test_eval_lengths_compares_checkpoints_side_by_side(checkpoints, tmp_path: P
     assert imread(out / "eval_lengths.png").shape[:2] == (495, 770)
 
 
-def test_inference_time_reweighting_is_labelled_and_changes_the_numbers(checkpoints, tmp_path: Path, capsys) -> None:
+def test_inference_time_reweighting_is_labelled_and_changes_the_numbers(checkpoints, tmp_path: Path, freeatten) -> None:
     args = ["eval-lengths", "--ckpt", str(checkpoints["lssa"]), "--attention", "lssar", "--p", "15", "--with-trained"]
-    code, stdout, _ = run_main([*args, "--lengths", "16,64", "--tokens", "256", "--out", str(tmp_path)], capsys)
+    code, stdout, _ = freeatten([*args, "--lengths", "16,64", "--tokens", "256", "--out", str(tmp_path)])
     assert code == 0
     assert "lssa -> lssar (p=15), inference-time" in stdout
     rows = read_csv(tmp_path / "eval_lengths.csv")
@@ -305,9 +294,9 @@ def test_inference_time_reweighting_is_labelled_and_changes_the_numbers(checkpoi
     assert rows[0]["loss"] != rows[2]["loss"]
 
 
-def test_generate_continues_the_prompt_with_the_cache(checkpoints, capsys) -> None:
+def test_generate_continues_the_prompt_with_the_cache(checkpoints, freeatten) -> None:
     args = ["generate", "--ckpt", str(checkpoints["lssa"]), "--prompt", "The list", "-n", "24", "--temperature", "0"]
-    code, stdout, _ = run_main(args, capsys)
+    code, stdout, _ = freeatten(args)
     assert code == 0
     header, text = stdout.split("\n", 1)
     assert header == "# lssa: lssa, 33 tokens (trained at 16)"
@@ -350,7 +339,7 @@ def altered(path: Path, folder: Path, change) -> Path:
         (["--ckpt", "{other_length}"], "trained at different lengths"),
     ],
 )
-def test_eval_lengths_bad_input(checkpoints, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+def test_eval_lengths_bad_input(checkpoints, tmp_path: Path, extra: list[str], message: str, freeatten) -> None:
     softmax = checkpoints["softmax"]
     variants = {
         "missing": tmp_path / "nope.ckpt",
@@ -362,7 +351,7 @@ def test_eval_lengths_bad_input(checkpoints, tmp_path: Path, capsys, extra: list
         if "{" + name + "}" in extra:
             path = value if isinstance(value, Path) else altered(softmax, tmp_path, value)
             extra = [str(path) if e == "{" + name + "}" else e for e in extra]
-    code, _, err = run_main(["eval-lengths", "--ckpt", str(softmax), "--tokens", "512", *extra], capsys)
+    code, _, err = freeatten(["eval-lengths", "--ckpt", str(softmax), "--tokens", "512", *extra])
     assert code == 2 and err.startswith("error: ") and message in err, err
 
 
