@@ -11,13 +11,7 @@ from freeatten_lightning.model.gpt import GPT, GPTConfig
 TRAIN_LENGTH = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and two spin badly on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(attention: str, dtype: torch.dtype = torch.float64, p: float = 15.0) -> GPT:

@@ -76,20 +76,13 @@ def plot_lengths(
             linewidth=2.5 if last else 1.5,
             alpha=0.45 if faded else 1.0,
         )
-    if train_length is not None:
-        ax.axvline(train_length, color="gray", linestyle=":", label=f"training length {train_length:,}")
     ax.set_xscale("log", base=2)
     lengths = sorted({r.length for _, results in labelled for r in results})
     ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
     ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("validation loss (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-    return fig
+    return _finish(fig, path, title, train_length)
 
 
 def plot_positions(path: Path, results: Sequence[LengthResult], title: str, train_length: int | None = None) -> Figure:
@@ -105,11 +98,17 @@ def plot_positions(path: Path, results: Sequence[LengthResult], title: str, trai
         centers = np.sqrt(edges[:-1] * (edges[1:] - 1))
         means = [losses[a - 1 : b - 1].mean() for a, b in zip(edges[:-1], edges[1:], strict=True)]
         ax.plot(centers, means, label=f"length {result.length:,}", linewidth=1.5)
-    if train_length is not None:
-        ax.axvline(train_length, color="gray", linestyle=":", label=f"training length {train_length:,}")
     ax.set_xscale("log")
     ax.set_xlabel("position in the window (1 = no context)")
     ax.set_ylabel("mean loss (nats / token)")
+    return _finish(fig, path, title, train_length)
+
+
+def _finish(fig: Figure, path: Path, title: str, train_length: int | None) -> Figure:
+    """What every line plot of lengths ends with: the training-length marker, title, grid, legend, the file."""
+    ax = fig.axes[0]
+    if train_length is not None:
+        ax.axvline(train_length, color="gray", linestyle=":", label=f"training length {train_length:,}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
